@@ -434,4 +434,62 @@ TEST_SUITE("pager")
         CHECK(s.forwarded == 2);
         CHECK(s.port_reinstalls == 1);
     }
+
+    TEST_CASE("fault-around installs the aligned block, clipped to the region")
+    {
+        const auto snapshot = pattern(64 * squib::page_4k);
+        constexpr std::uint64_t around = 16 * squib::page_4k; // 64 KiB blocks
+        // The region starts 3 pages into a block and ends 5 pages into the next-but-one.
+        constexpr std::uint64_t base = 0x100'0000 + 3 * squib::page_4k;
+        constexpr std::uint64_t size = (13 + 16 + 5) * squib::page_4k;
+        squib::pager<squib::memory_source, squib::flat_index, squib::mock_backend, squib::atomic_stats> p{
+            squib::memory_source{snapshot}};
+        REQUIRE_FALSE(p.register_region({.base = base, .size = size, .source_offset = squib::page_4k}));
+        REQUIRE_FALSE(p.start());
+        std::vector<std::byte> scratch(around);
+        auto& b = p.backend();
+
+        struct forward { // hands faults to the mock with a chosen fault-around size
+            squib::mock_backend& m;
+            std::error_code install(std::uint64_t a, std::span<const std::byte> bytes) noexcept { return m.install(a, bytes); }
+            std::error_code install_zero(std::uint64_t a, std::uint64_t len) noexcept { return m.install_zero(a, len); }
+        } installer{b};
+
+        // First (clipped) block: from the region base to the block end.
+        REQUIRE_FALSE(p.handle_fault(base + squib::page_4k, scratch, installer, around));
+        // Middle block: whole.
+        REQUIRE_FALSE(p.handle_fault(0x101'0000 + 7 * squib::page_4k + 5, scratch, installer, around));
+        // Last block: clipped at the region end.
+        REQUIRE_FALSE(p.handle_fault(base + size - 1, scratch, installer, around));
+        // Not a power of two: one page.
+        REQUIRE_FALSE(p.handle_fault(0x101'0000 + 9 * squib::page_4k, scratch, installer, 3 * squib::page_4k));
+
+        const auto log = b.installs();
+        REQUIRE(log.size() == 4);
+        CHECK(log[0].addr == base);
+        CHECK(log[0].len == 13 * squib::page_4k);
+        CHECK(log[1].addr == 0x101'0000);
+        CHECK(log[1].len == around);
+        CHECK(log[2].addr == 0x102'0000);
+        CHECK(log[2].len == 5 * squib::page_4k);
+        CHECK(log[3].addr == 0x101'0000 + 9 * squib::page_4k);
+        CHECK(log[3].len == squib::page_4k);
+        // The bytes come from the right place in the source.
+        const auto middle = b.page_at(0x101'0000);
+        REQUIRE(middle.has_value());
+        REQUIRE(middle->size() == around);
+        const std::uint64_t src = squib::page_4k + (0x101'0000 - base);
+        CHECK(std::memcmp(middle->data(), snapshot.data() + src, around) == 0);
+        CHECK(p.stats().snapshot().bytes_served == (13 + 16 + 5 + 1) * squib::page_4k);
+
+        // A read-only source needs scratch for the whole block.
+        squib::pager<squib::test::read_only_source, squib::flat_index, squib::mock_backend> q{
+            squib::test::read_only_source{snapshot}};
+        REQUIRE_FALSE(q.register_region({.base = base, .size = size, .source_offset = squib::page_4k}));
+        forward qi{q.backend()};
+        std::vector<std::byte> small(squib::page_4k);
+        CHECK(q.handle_fault(0x101'0000, small, qi, around) == errc::bad_length);
+        CHECK_FALSE(q.handle_fault(0x101'0000, scratch, qi, around));
+        CHECK(q.backend().installs().at(0).len == around);
+    }
 }

@@ -27,9 +27,10 @@ namespace squib {
 
 /// A fault after the region lookup: which page, and where its bytes live.
 struct resolved_fault {
-    std::uint64_t page = 0;           ///< page-aligned address of the faulting page
+    std::uint64_t page = 0;           ///< page-aligned address of the faulting page (of the cluster, with fault-around)
     std::uint64_t page_size = 0;      ///< the region's page size
-    std::uint64_t source_address = 0; ///< where the page lives in the source
+    std::uint64_t source_address = 0; ///< where `page` lives in the source
+    std::uint64_t length = 0;         ///< bytes to install from `page`: one page, or a fault-around cluster
     region where{};                   ///< the region, copied: it may be unregistered meanwhile
 };
 
@@ -277,7 +278,7 @@ public:
             const region* r = idx.find(addr);
             if (r == nullptr) return errc::out_of_region;
             const std::uint64_t page = align_down(addr, r->page_size);
-            return resolved_fault{page, r->page_size, r->source_address(page), *r};
+            return resolved_fault{page, r->page_size, r->source_address(page), r->page_size, *r};
         });
     }
 
@@ -313,16 +314,23 @@ public:
     /// The call backends make for every fault: resolve `addr`, fetch its page
     /// the cheapest way the source allows (a zero page for a hole, a view of a
     /// mapping, else a read into `scratch`), and install it with `installer`.
-    /// `scratch` must hold a page unless the source is mapped.
+    /// `scratch` must hold the bytes to install unless the source is mapped.
+    ///
+    /// Fault-around: with `around` a power of two larger than the region's
+    /// page size, the whole `around`-aligned block holding `addr`, clipped to
+    /// the region, is fetched and handed to the installer in one call (which
+    /// skips pages already present). Any other `around` means one page.
+    ///
     /// Errors: as serve(), plus the installer's error. Every failure is also
     /// counted with Stats::on_error.
     template <PageInstaller Installer>
-    [[nodiscard]] std::error_code handle_fault(std::uint64_t addr, std::span<std::byte> scratch,
-                                               Installer& installer) noexcept
+    [[nodiscard]] std::error_code handle_fault(std::uint64_t addr, std::span<std::byte> scratch, Installer& installer,
+                                               std::uint64_t around = 0) noexcept
     {
         const std::uint64_t t0 = start_clock();
         auto f = resolve(addr);
         if (!f) return failed(f.error());
+        if (around > f->page_size && is_power_of_two(around)) widen(*f, addr, around);
         return serve_resolved(*f, scratch, installer, event_kind::fault, t0);
     }
 
@@ -349,17 +357,17 @@ private:
     {
         bool zero = false;
         std::error_code ec;
-        if constexpr (SparsePageSource<Source>) zero = core_.source.is_zero(f.source_address, f.page_size);
+        if constexpr (SparsePageSource<Source>) zero = core_.source.is_zero(f.source_address, f.length);
         if (zero) {
-            ec = installer.install_zero(f.page, f.page_size);
+            ec = installer.install_zero(f.page, f.length);
         } else if constexpr (MappedPageSource<Source>) {
-            auto v = core_.source.view(f.source_address, f.page_size);
+            auto v = core_.source.view(f.source_address, f.length);
             ec = v ? installer.install(f.page, *v) : v.error();
         } else {
-            if (scratch.size() < f.page_size) {
+            if (scratch.size() < f.length) {
                 ec = errc::bad_length;
             } else {
-                auto dst = scratch.first(f.page_size);
+                auto dst = scratch.first(f.length);
                 ec = core_.source.read(f.source_address, dst);
                 if (!ec) ec = installer.install(f.page, dst);
             }
@@ -368,12 +376,25 @@ private:
             stats_.on_error();
             return ec;
         }
-        const fault_event e{f.page_size, kind == event_kind::fault ? elapsed_since(t0) : 0, zero};
+        const fault_event e{f.length, kind == event_kind::fault ? elapsed_since(t0) : 0, zero};
         if (kind == event_kind::fault)
             stats_.on_fault(e);
         else
             stats_.on_prewarm(e);
         return {};
+    }
+
+    /// Grows a one-page fault to the `around`-aligned block holding `addr`, clipped to its region.
+    static void widen(resolved_fault& f, std::uint64_t addr, std::uint64_t around) noexcept
+    {
+        const region& r = f.where;
+        const std::uint64_t block = align_down(addr, around);
+        const std::uint64_t lo = std::max(block, r.base);
+        const std::uint64_t room = r.end() - block; // > 0: addr is inside r and block <= addr
+        const std::uint64_t hi = room > around ? block + around : r.end();
+        f.page = lo;
+        f.source_address = r.source_address(lo);
+        f.length = hi - lo;
     }
 
     std::error_code failed(std::error_code ec) noexcept

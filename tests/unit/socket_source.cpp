@@ -195,7 +195,7 @@ TEST_SUITE("socket_source")
     {
         fixture f;
         auto server = f.serve();
-        auto client = connect(f.path);
+        auto client = connect(f.path, {.page_size = 64}); // allow the 64-byte read below
         CHECK(client.connections() == 1);
 
         struct want {
@@ -229,13 +229,48 @@ TEST_SUITE("socket_source")
         CHECK(client.read(0, std::span(buf).first(3000)) == errc::bad_length);
         CHECK(client.read(0, std::span(buf).first(4096 + 2048)) == errc::bad_length);
         CHECK(client.read(0x800, std::span(buf).first(4096)) == errc::unaligned_address);
-        CHECK(client.read(0x1000, std::span(buf)) == errc::unaligned_address);
 
         REQUIRE_FALSE(client.read(0x3000, std::span(buf).first(4096)));
         CHECK(equal_bytes(std::span(buf).first(4096), f.expected(0x3000, 4096)));
         server->stop();
         CHECK(server->clients_accepted() == 1); // never reconnected: nothing was sent for the local errors
         CHECK(server->requests_served() == 1);
+    }
+
+    TEST_CASE("reads the protocol cannot carry in one request are split into aligned ones")
+    {
+        fixture f;
+        auto server = f.serve();
+        auto client = connect(f.path);
+        std::vector<std::byte> buf(64 * 1024);
+        // 8 KiB at 0x1000 is not self-aligned: 4 KiB at 0x1000, then 4 KiB at 0x2000.
+        REQUIRE_FALSE(client.read(0x1000, std::span(buf).first(8192)));
+        CHECK(equal_bytes(std::span(buf).first(8192), f.expected(0x1000, 8192)));
+        CHECK(server->requests_served() == 2);
+        // 3 pages at 0x4000: 16 KiB is too long, so 8 KiB at 0x4000, then 4 KiB at 0x6000.
+        REQUIRE_FALSE(client.read(0x4000, std::span(buf).first(3 * 4096)));
+        CHECK(equal_bytes(std::span(buf).first(3 * 4096), f.expected(0x4000, 3 * 4096)));
+        CHECK(server->requests_served() == 4);
+        // 13 pages at 0x3000 (a clipped fault-around cluster).
+        REQUIRE_FALSE(client.read(0x3000, std::span(buf).first(13 * 4096)));
+        CHECK(equal_bytes(std::span(buf).first(13 * 4096), f.expected(0x3000, 13 * 4096)));
+        server->stop();
+    }
+
+    TEST_CASE("page_size and max_request are checked at connect")
+    {
+        fixture f;
+        auto server = f.serve();
+        CHECK(squib::socket_source::connect(f.path, {.page_size = 3000}).error() == errc::bad_page_size);
+        CHECK(squib::socket_source::connect(f.path, {.page_size = 8192, .max_request = 4096}).error() ==
+              errc::bad_page_size);
+        auto big = squib::socket_source::connect(f.path, {.page_size = 4096, .max_request = 4096});
+        REQUIRE(big);
+        std::vector<std::byte> buf(4 * 4096);
+        REQUIRE_FALSE(big->read(0, buf)); // four single-page requests
+        CHECK(equal_bytes(buf, f.expected(0, buf.size())));
+        server->stop();
+        CHECK(server->requests_served() == 4);
     }
 
     TEST_CASE("a page the server cannot serve is peer_closed; the next read reconnects")

@@ -36,6 +36,12 @@ struct socket_source_options {
     /// the next bytes of a reply), so a dead or silent server gives
     /// errc::timed_out instead of hanging a guest. Zero waits forever.
     std::chrono::milliseconds timeout{5000};
+    /// The smallest unit a read is made of: every read's address and length
+    /// must be multiples of it. A power of two.
+    std::uint64_t page_size = 4096;
+    /// The largest single request sent; longer reads (a fault-around
+    /// cluster) are split. A power of two, at most the server's max_page_size.
+    std::uint64_t max_request = 2u << 20;
 };
 
 /// A PageSource whose pages come from a squib::page_server (or anything that
@@ -65,13 +71,17 @@ public:
     /// `path`. Every connection is opened here, so a server that is not there
     /// is reported now rather than at the first fault.
     ///
-    /// Errors: std::errc::invalid_argument (no connections, negative
+    /// Errors: errc::bad_page_size (page_size or max_request not a power of
+    /// two, or max_request below page_size), std::errc::invalid_argument (no connections, negative
     /// timeout), std::errc::filename_too_long (path does not fit sun_path),
     /// errc::timed_out, the errno of socket()/connect() (ENOENT, ECONNREFUSED).
     [[nodiscard]] static result<socket_source> connect(std::string path, options opts = {}) noexcept
     {
         if (opts.connections == 0 || opts.timeout.count() < 0)
             return std::make_error_code(std::errc::invalid_argument);
+        if (!is_power_of_two(opts.page_size) || !is_power_of_two(opts.max_request) ||
+            opts.max_request < opts.page_size)
+            return errc::bad_page_size;
         sockaddr_un addr{};
         addr.sun_family = AF_UNIX;
         if (path.empty() || path.size() >= sizeof(addr.sun_path))
@@ -83,7 +93,7 @@ public:
         timeout.tv_sec = static_cast<time_t>(ms / 1000);
         timeout.tv_usec = static_cast<suseconds_t>((ms % 1000) * 1000);
 
-        auto p = std::unique_ptr<pool>(new (std::nothrow) pool{addr, timeout, opts.connections});
+        auto p = std::unique_ptr<pool>(new (std::nothrow) pool{addr, timeout, opts.connections, opts.page_size, opts.max_request});
         if (!p || !p->connections) return std::make_error_code(std::errc::not_enough_memory);
         for (std::size_t i = 0; i < p->count; ++i) {
             auto fd = p->open();
@@ -96,20 +106,40 @@ public:
     }
 
     /// Reads the `dst.size()` bytes at source address `addr` from the server
-    /// into `dst`: one request of page size `dst.size()`, so `dst.size()` must
-    /// be a power of two and `addr` a multiple of it. Thread-safe; does not
-    /// allocate. On error `dst` holds anything.
+    /// into `dst`. The protocol carries one power-of-two, self-aligned page
+    /// per request, so the read is split into the largest such requests (at
+    /// most options::max_request each). Thread-safe; does not allocate. On
+    /// error `dst` holds anything.
     ///
-    /// Errors: errc::bad_length (empty or not a power of two),
-    /// errc::unaligned_address, errc::protocol_echo_mismatch,
+    /// Errors: errc::bad_length (empty or not a multiple of options::page_size),
+    /// errc::unaligned_address (`addr` not a multiple of options::page_size),
+    /// errc::protocol_echo_mismatch,
     /// errc::protocol_truncated, errc::peer_closed (the server hung up, e.g.
     /// because it refused the request), errc::timed_out, the errno of a failed
     /// reconnect or socket call, std::errc::not_connected on a moved-from source.
     [[nodiscard]] std::error_code read(std::uint64_t addr, std::span<std::byte> dst) noexcept
     {
         if (!pool_) return std::make_error_code(std::errc::not_connected);
-        if (!is_power_of_two(dst.size())) return errc::bad_length;
-        if (!is_aligned(addr, dst.size())) return errc::unaligned_address;
+        if (dst.empty() || !is_aligned(dst.size(), pool_->page_size)) return errc::bad_length;
+        if (!is_aligned(addr, pool_->page_size)) return errc::unaligned_address;
+        while (!dst.empty()) {
+            // The largest power of two that divides addr, fits what is left, and is allowed.
+            std::uint64_t chunk = pool_->max_request;
+            while (chunk > dst.size() || !is_aligned(addr, chunk)) chunk >>= 1;
+            if (auto ec = read_request(addr, dst.first(chunk))) return ec;
+            addr += chunk;
+            dst = dst.subspan(chunk);
+        }
+        return {};
+    }
+
+    /// How many connections the pool holds (0 for an unconnected source).
+    [[nodiscard]] std::size_t connections() const noexcept { return pool_ ? pool_->count : 0; }
+
+private:
+    /// One request on a free connection; `dst.size()` is a power of two dividing `addr`.
+    [[nodiscard]] std::error_code read_request(std::uint64_t addr, std::span<std::byte> dst) noexcept
+    {
 
         // Start the try_lock scan at a different connection on every call so
         // concurrent readers spread out instead of all contending for the first.
@@ -136,10 +166,6 @@ public:
         return ec;
     }
 
-    /// How many connections the pool holds (0 for an unconnected source).
-    [[nodiscard]] std::size_t connections() const noexcept { return pool_ ? pool_->count : 0; }
-
-private:
     struct connection {
         std::mutex mutex; // one request/reply at a time on a stream
         detail::unique_fd fd;
@@ -147,8 +173,9 @@ private:
 
     // Lives on the heap so socket_source can move while mutexes stay put.
     struct pool {
-        pool(const sockaddr_un& a, const timeval& t, std::size_t n) noexcept
-            : addr(a), timeout(t), count(n), connections(new (std::nothrow) connection[n])
+        pool(const sockaddr_un& a, const timeval& t, std::size_t n, std::uint64_t page, std::uint64_t max) noexcept
+            : addr(a), timeout(t), count(n), page_size(page), max_request(max),
+              connections(new (std::nothrow) connection[n])
         {
         }
 
@@ -178,6 +205,8 @@ private:
         sockaddr_un addr;
         timeval timeout;
         std::size_t count;
+        std::uint64_t page_size;   // reads are multiples of this
+        std::uint64_t max_request; // longest single request
         std::unique_ptr<connection[]> connections;
         std::atomic<std::size_t> next{0}; // where the next read starts looking
     };

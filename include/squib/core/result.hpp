@@ -26,7 +26,12 @@ public:
     {
     }
     result(std::error_code ec) noexcept : error_(ec) {} // NOLINT: implicit by design
-    result(errc e) noexcept : error_(make_error_code(e)) {} // NOLINT: implicit by design
+    /// Any error-code enum (squib::errc, std::errc, a backend's own).
+    template <class E>
+        requires std::is_error_code_enum_v<E> || std::is_error_condition_enum_v<E>
+    result(E e) noexcept : error_(make_error_code(e)) // NOLINT: implicit by design
+    {
+    }
 
     [[nodiscard]] bool has_value() const noexcept { return !error_; }
     explicit operator bool() const noexcept { return has_value(); }

@@ -21,7 +21,7 @@ namespace squib {
 
 /// What a stats policy is told about one served page.
 struct fault_event {
-    std::uint64_t bytes = 0;      ///< bytes installed (a page, or a fault-around cluster)
+    std::uint64_t bytes = 0;      ///< bytes handed to the backend: a page, or a whole fault-around cluster
     std::uint64_t latency_ns = 0; ///< resolve-to-installed time; 0 unless Stats::wants_latency
     bool zero_page = false;       ///< installed as zeros without reading the source
 };
@@ -160,7 +160,7 @@ namespace detail {
 /// parameter, so every call below is resolved at compile time.
 struct fault_handler_archetype {
     template <PageInstaller Installer>
-    std::error_code handle_fault(std::uint64_t, std::span<std::byte>, Installer&) noexcept
+    std::error_code handle_fault(std::uint64_t, std::span<std::byte>, Installer&, std::uint64_t = 0) noexcept
     {
         return {};
     }
@@ -177,7 +177,8 @@ struct fault_handler_archetype {
 /// 2. `b.start(handler)` returns `std::error_code`; it takes the handler (the
 ///    pager) by reference as a template parameter and keeps calling
 ///    `handler.handle_fault(addr, scratch, installer)` for each fault until
-///    stopped. Failing to start (a thread that cannot be spawned, a device
+///    stopped (a fourth argument asks for fault-around: see
+///    pager::handle_fault). Failing to start (a thread that cannot be spawned, a device
 ///    that cannot be opened) is an error value, never an exception.
 /// 3. `b.stop()` is `noexcept`, returns once no thread of the backend touches
 ///    the handler any more, within about one poll interval after the

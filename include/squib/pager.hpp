@@ -19,6 +19,7 @@
 #include <squib/source/mapped_file.hpp>
 #include <squib/source/memory.hpp>
 #include <squib/source/page_server.hpp>
+#include <squib/source/ref.hpp>
 #include <squib/source/socket.hpp>
 #include <squib/source/wire.hpp>
 #include <squib/stats/atomic.hpp>

@@ -1,7 +1,7 @@
 # Shared by scripts/test, scripts/demo and scripts/bench. Sourced, not run.
 
 # Debian packages the build needs.
-SQUIB_PACKAGES=(g++ meson ninja-build pkg-config libboost-dev libfmt-dev doctest-dev libbenchmark-dev)
+SQUIB_PACKAGES=(g++ meson ninja-build pkg-config libboost-dev libfmt-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
 
 # Installs missing packages when root; otherwise prints the apt line and fails.
 squib_ensure_deps() {

@@ -139,6 +139,13 @@ enum class mach_errc : int {
     bad_reply,        ///< a reply that MIG would not send (success without the new state)
 };
 
+} // namespace squib::mach
+
+template <>
+struct std::is_error_code_enum<squib::mach::mach_errc> : std::true_type {};
+
+namespace squib::mach {
+
 namespace detail {
 
 class mach_category_impl final : public std::error_category {
@@ -239,13 +246,6 @@ public:
     if (ec == mach_errc::bad_descriptor) return mig_type_error;
     return mig_bad_arguments;
 }
-
-} // namespace squib::mach
-
-template <>
-struct std::is_error_code_enum<squib::mach::mach_errc> : std::true_type {};
-
-namespace squib::mach {
 
 // ---------------------------------------------------------------------------
 // Message kinds

@@ -77,7 +77,7 @@ struct handler_table {
 /// The request kind (and code width) a handler installed with `behavior` receives.
 /// Errors: mach_errc::bad_behavior (unknown base behavior, or a protected
 /// behavior without MACH_EXCEPTION_CODES, which the kernel refuses).
-[[nodiscard]] constexpr result<request_id_info> kind_for_behavior(std::uint32_t behavior) noexcept
+[[nodiscard]] inline result<request_id_info> kind_for_behavior(std::uint32_t behavior) noexcept
 {
     const bool code64 = (behavior & mach_exception_codes) != 0;
     switch (behavior & ~mach_exception_behavior_flags) {

@@ -110,6 +110,18 @@ inline constexpr std::uint32_t msg_port_descriptor = 0;
 [[nodiscard]] constexpr std::uint32_t msgh_bits_local(std::uint32_t bits) noexcept { return (bits >> 8) & 0x1f; }
 
 inline constexpr std::int32_t reply_id_offset = 100;
+
+/// The reply id for request id `id` (id + 100). Wraps instead of overflowing:
+/// an error reply is made for any id a sender chose, INT32_MAX included.
+[[nodiscard]] constexpr std::int32_t reply_id(std::int32_t id) noexcept
+{
+    return static_cast<std::int32_t>(static_cast<std::uint32_t>(id) + std::uint32_t{reply_id_offset});
+}
+/// The request id a reply id answers (id - 100), wrapping like reply_id().
+[[nodiscard]] constexpr std::int32_t request_id_of_reply(std::int32_t id) noexcept
+{
+    return static_cast<std::int32_t>(static_cast<std::uint32_t>(id) - std::uint32_t{reply_id_offset});
+}
 inline constexpr std::int32_t mach_notify_send_once = 0100 + 07; ///< a send-once right died unused (71)
 
 inline constexpr std::size_t header_size = 24;          ///< mach_msg_header_t
@@ -659,7 +671,7 @@ inline void write_descriptor(wire_writer& w, const port_descriptor& d) noexcept
 {
     message_header h;
     if (auto ec = decode_header(in, h)) return ec;
-    const auto info = lookup_request_id(h.id - reply_id_offset);
+    const auto info = lookup_request_id(request_id_of_reply(h.id));
     if (!info) return mach_errc::unknown_id;
     if ((h.bits & msgh_bits_complex) != 0) return mach_errc::bad_descriptor;
     detail::wire_reader r(in.first(h.size), header_size);
@@ -687,7 +699,7 @@ inline void write_descriptor(wire_writer& w, const port_descriptor& d) noexcept
 /// routine answered with success but no state), oversized_state, buffer_too_small.
 [[nodiscard]] inline result<std::size_t> encode_reply(const exception_reply& rep, std::span<std::byte> out) noexcept
 {
-    const auto info = lookup_request_id(rep.header.id - reply_id_offset);
+    const auto info = lookup_request_id(request_id_of_reply(rep.header.id));
     if (!info) return mach_errc::unknown_id;
     const bool with_state = carries_state(info->kind) && rep.has_state;
     if (carries_state(info->kind) && !rep.has_state && rep.ret_code == kern_success) return mach_errc::bad_reply;
@@ -721,8 +733,7 @@ inline void write_descriptor(wire_writer& w, const port_descriptor& d) noexcept
 /// moving the right it arrived as, id + 100.
 [[nodiscard]] constexpr message_header reply_header_for(const message_header& req) noexcept
 {
-    return {msgh_bits(msgh_bits_remote(req.bits), 0), 0, req.remote, port_null, port_null,
-            req.id + reply_id_offset};
+    return {msgh_bits(msgh_bits_remote(req.bits), 0), 0, req.remote, port_null, port_null, reply_id(req.id)};
 }
 
 /// Fills `out` with the reply to `req` carrying `rc`. A state routine's

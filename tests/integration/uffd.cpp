@@ -560,4 +560,47 @@ TEST_SUITE("uffd")
         CHECK_FALSE(p.contains(unmapped));
         CHECK(p.region_count() == 1);
     }
+
+    TEST_CASE("a fault whose range is unregistered meanwhile is released, not reported")
+    {
+        SQUIB_REQUIRE_UFFD("uffd unregister during fault");
+        const auto& snap = shared_snapshot();
+        anon_memory ram(16 * page_4k);
+        unserved_log log;
+        gated_source src{snap.bytes};
+        uffd_pager<gated_source> p{src, {}, std::in_place,
+                                   make_backend({.on_unserved = &unserved_log::record, .on_unserved_context = &log})};
+        REQUIRE_FALSE(p.register_region({.base = ram.addr(), .size = ram.size()}));
+        REQUIRE_FALSE(p.start());
+        std::byte seen{0x55};
+        std::thread toucher([&] { seen = ram.data()[3 * page_4k]; });
+        src.wait_entered(1); // the handler holds the fault inside the source
+        REQUIRE_FALSE(p.unregister_region(ram.addr()));
+        src.open(); // UFFDIO_COPY now finds no registered range (ENOENT)
+        toucher.join(); // woken: it faults again on memory that is now ordinary
+        CHECK(seen == std::byte{0});
+        p.stop();
+        CHECK(log.seen.empty());
+        CHECK(p.backend().counters().moot == 1);
+    }
+
+    TEST_CASE("fault-around never costs the faulting page when neighbours are past the source's end")
+    {
+        SQUIB_REQUIRE_UFFD("uffd fault-around past source end");
+        const auto& snap = shared_snapshot();
+        anon_memory ram(64 * page_4k);
+        unserved_log log;
+        squib::memory_source short_src{std::span(snap.bytes).first(15 * page_4k)};
+        uffd_pager<squib::memory_source> p{
+            short_src, {}, std::in_place,
+            make_backend({.fault_around_pages = 16, .on_unserved = &unserved_log::record, .on_unserved_context = &log})};
+        const std::uint64_t base = squib::align_up(ram.addr(), 16 * page_4k);
+        REQUIRE_FALSE(p.register_region({.base = base, .size = 16 * page_4k}));
+        REQUIRE_FALSE(p.start());
+        // Page 14 is in the source; its 16-page block is not (page 15 is past the end).
+        CHECK(*reinterpret_cast<volatile std::byte*>(base + 14 * page_4k + 3) == snap.bytes[14 * page_4k + 3]);
+        CHECK(*reinterpret_cast<volatile std::byte*>(base + 2 * page_4k) == snap.bytes[2 * page_4k]);
+        p.stop();
+        CHECK(log.seen.empty());
+    }
 }

@@ -487,9 +487,22 @@ TEST_SUITE("pager")
             squib::test::read_only_source{snapshot}};
         REQUIRE_FALSE(q.register_region({.base = base, .size = size, .source_offset = squib::page_4k}));
         forward qi{q.backend()};
+        // With too little scratch for the block, the faulting page alone is served.
         std::vector<std::byte> small(squib::page_4k);
-        CHECK(q.handle_fault(0x101'0000, small, qi, around) == errc::bad_length);
+        CHECK_FALSE(q.handle_fault(0x101'0000 + 2 * squib::page_4k, small, qi, around));
+        CHECK(q.backend().installs().at(0).addr == 0x101'0000 + 2 * squib::page_4k);
+        CHECK(q.backend().installs().at(0).len == squib::page_4k);
         CHECK_FALSE(q.handle_fault(0x101'0000, scratch, qi, around));
-        CHECK(q.backend().installs().at(0).len == around);
+        CHECK(q.backend().installs().at(1).len == around);
+
+        // A block that reaches past the end of the source still serves the faulting page.
+        squib::pager<squib::memory_source, squib::flat_index, squib::mock_backend, squib::atomic_stats> r{
+            squib::memory_source{std::span(snapshot).first(20 * squib::page_4k)}};
+        REQUIRE_FALSE(r.register_region({.base = 0x200'0000, .size = 32 * squib::page_4k}));
+        forward ri{r.backend()};
+        CHECK_FALSE(r.handle_fault(0x200'0000 + 17 * squib::page_4k, scratch, ri, around));
+        CHECK(r.backend().installs().at(0).len == squib::page_4k);
+        CHECK(r.handle_fault(0x200'0000 + 21 * squib::page_4k, scratch, ri, around) == errc::short_read);
+        CHECK(r.stats().snapshot().errors == 1); // the fallback is not an error; the page past the end is
     }
 }

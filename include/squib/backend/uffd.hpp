@@ -133,7 +133,8 @@ struct uffd_counters {
     std::uint64_t exist_races = 0;   ///< installs that found the page already there
     std::uint64_t again_retries = 0; ///< installs retried after EAGAIN (a layout change was pending)
     std::uint64_t unserved = 0;      ///< faults handed to on_unserved
-    std::uint64_t redundant = 0;     ///< faults whose page was already in when served (a race), only woken
+    std::uint64_t redundant = 0;     ///< faults whose page the bitmap had as present (a race, or a zap)
+    std::uint64_t moot = 0;          ///< faults whose range went away (unregistered, unmapped, process gone): woken
 };
 
 /// Serves page faults with Linux userfaultfd: real faults, real UFFDIO_COPY.
@@ -230,7 +231,8 @@ public:
         const auto& c = state_->counts;
         return {c.remove.load(std::memory_order_relaxed), c.unmap.load(std::memory_order_relaxed),
                 c.exist.load(std::memory_order_relaxed), c.again.load(std::memory_order_relaxed),
-                c.unserved.load(std::memory_order_relaxed), c.redundant.load(std::memory_order_relaxed)};
+                c.unserved.load(std::memory_order_relaxed), c.redundant.load(std::memory_order_relaxed),
+                c.moot.load(std::memory_order_relaxed)};
     }
 
     // ---- ExceptionBackend --------------------------------------------------------
@@ -482,7 +484,7 @@ private:
         std::vector<named_thread> threads;
         std::unique_ptr<std::byte[]> zeros; // a zero huge page, for UFFDIO_COPY where ZEROPAGE is refused
         struct {
-            std::atomic<std::uint64_t> remove{0}, unmap{0}, exist{0}, again{0}, unserved{0}, redundant{0};
+            std::atomic<std::uint64_t> remove{0}, unmap{0}, exist{0}, again{0}, unserved{0}, redundant{0}, moot{0};
         } counts;
 
         [[nodiscard]] std::shared_ptr<range_state> find(std::uint64_t addr) const noexcept
@@ -508,7 +510,7 @@ private:
                 // or let the thread that has it apply it, then walk the range
                 // again with fresh bits: pages given back now get zeros.
                 counts.again.fetch_add(1, std::memory_order_relaxed);
-                if (attempt >= 100000) return uffd_errc::retry_exhausted;
+                if (attempt >= (drain != nullptr ? 1000u : 100000u)) return uffd_errc::retry_exhausted;
                 if (drain == nullptr || !drain_events(*drain)) ::sched_yield();
             }
         }
@@ -620,7 +622,7 @@ private:
     /// A handler thread's buffers, allocated at start so serving never allocates.
     struct thread_ctx {
         thread_ctx(state& st, std::size_t scratch_bytes)
-            : s(st), msgs(st.opts.batch), deferred(st.opts.batch * 4), scratch(scratch_bytes)
+            : s(st), msgs(st.opts.batch), drained(st.opts.batch), deferred(st.opts.batch * 4), scratch(scratch_bytes)
         {
         }
 
@@ -673,20 +675,42 @@ private:
             report = {};
             const std::error_code ec = handler.handle_fault(addr, scratch, inst, around);
             if (ec) {
+                if (moot(ec)) {
+                    // The range went away under the fault (unregistered, unmapped, the
+                    // process exited) or the layout kept changing: nothing to serve now.
+                    // Wake the thread; if it still wants the page it faults again.
+                    s.counts.moot.fetch_add(1, std::memory_order_relaxed);
+                    s.wake_page(align_down(addr, page_4k), page_4k);
+                    return;
+                }
                 s.counts.unserved.fetch_add(1, std::memory_order_relaxed);
                 s.opts.on_unserved(s.opts.on_unserved_context, addr, ec);
                 return;
             }
-            // The page was there already (a race, or installed by a neighbour's
-            // fault-around): nothing we did woke this thread, so wake it.
-            if (!report.covered_fault) {
-                s.counts.redundant.fetch_add(1, std::memory_order_relaxed);
-                s.wake_page(align_down(addr, page_4k), page_4k);
-            }
+            if (report.covered_fault) return;
+            // Nothing we did just now covered the faulting page: the bitmap said it
+            // was present. It may have been zapped since (a REMOVE not yet read, or
+            // one never negotiated). UFFDIO_ZEROPAGE settles it: EEXIST if the page
+            // is really there (then only wake), else zeros, the right content after
+            // a zap.
+            s.counts.redundant.fetch_add(1, std::memory_order_relaxed);
+            install_report check;
+            const std::uint64_t page = align_down(addr, page_4k);
+            if (!s.copy_run(page, page_4k, nullptr, check, addr, nullptr) && check.covered_fault) return;
+            s.wake_page(page, page_4k);
+        }
+
+        static bool moot(std::error_code ec) noexcept
+        {
+            return ec == std::errc::no_such_file_or_directory     // ENOENT: range no longer registered
+                   || ec == std::errc::no_such_process             // ESRCH: the faulting process is gone
+                   || ec == std::errc::no_such_device_or_address   // ENXIO: range retired by an unmap
+                   || ec == make_error_code(uffd_errc::retry_exhausted);
         }
 
         state& s;
-        std::vector<uffd_msg> msgs;
+        std::vector<uffd_msg> msgs;          // the batch run() is working through
+        std::vector<uffd_msg> drained;       // read while draining for EAGAIN; never overwrites `msgs`
         std::vector<std::uint64_t> deferred; // fault addresses read while draining
         std::size_t deferred_count = 0;
         std::vector<std::byte> scratch;
@@ -759,18 +783,20 @@ private:
 inline bool uffd_backend::state::drain_events(thread_ctx& t) noexcept
 {
     // Read whatever is pending without blocking: events are applied now,
-    // faults are kept for after the current one (bounded by the deferred buffer).
-    const std::size_t room = t.deferred.size() - t.deferred_count;
-    if (room == 0) return false;
-    const std::size_t want = std::min(room, t.msgs.size());
-    const ssize_t got = ::read(uffd.get(), t.msgs.data(), want * sizeof(uffd_msg));
+    // faults are kept for after the current one. The kernel queues faults
+    // ahead of events, so when the deferred buffer is full a fault is woken
+    // unserved instead (its thread faults again) to get through to the event.
+    const ssize_t got = ::read(uffd.get(), t.drained.data(), t.drained.size() * sizeof(uffd_msg));
     if (got <= 0) return false;
     const auto count = static_cast<std::size_t>(got) / sizeof(uffd_msg);
     for (std::size_t i = 0; i < count; ++i) {
-        if (t.msgs[i].event == UFFD_EVENT_PAGEFAULT)
-            t.deferred[t.deferred_count++] = t.msgs[i].arg.pagefault.address;
+        const uffd_msg& m = t.drained[i];
+        if (m.event != UFFD_EVENT_PAGEFAULT)
+            on_event(m);
+        else if (t.deferred_count < t.deferred.size())
+            t.deferred[t.deferred_count++] = m.arg.pagefault.address;
         else
-            on_event(t.msgs[i]);
+            wake_page(align_down(m.arg.pagefault.address, page_4k), page_4k);
     }
     return true;
 }
@@ -797,7 +823,9 @@ inline void uffd_backend::state::on_event(const uffd_msg& m) noexcept
             return 0;
         });
     }
-    // Other events (FORK, REMAP) are not negotiated and cannot arrive.
+    // FORK and REMAP are never negotiated by create(); an adopted descriptor
+    // might have them. A FORK event carries a new userfaultfd: do not leak it.
+    if (m.event == UFFD_EVENT_FORK) ::close(static_cast<int>(m.arg.fork.ufd));
 }
 
 static_assert(ExceptionBackend<uffd_backend>);

@@ -319,7 +319,8 @@ public:
     /// Fault-around: with `around` a power of two larger than the region's
     /// page size, the whole `around`-aligned block holding `addr`, clipped to
     /// the region, is fetched and handed to the installer in one call (which
-    /// skips pages already present). Any other `around` means one page.
+    /// skips pages already present); if that fails, the faulting page alone
+    /// is served. Any other `around` means one page.
     ///
     /// Errors: as serve(), plus the installer's error. Every failure is also
     /// counted with Stats::on_error.
@@ -330,7 +331,13 @@ public:
         const std::uint64_t t0 = start_clock();
         auto f = resolve(addr);
         if (!f) return failed(f.error());
-        if (around > f->page_size && is_power_of_two(around)) widen(*f, addr, around);
+        if (around > f->page_size && is_power_of_two(around)) {
+            resolved_fault cluster = *f;
+            widen(cluster, addr, around);
+            // A neighbour the source cannot produce (a region past the end of the
+            // file) must not cost the page that faulted: fall back to it alone.
+            if (!serve_resolved(cluster, scratch, installer, event_kind::fault, t0, false)) return {};
+        }
         return serve_resolved(*f, scratch, installer, event_kind::fault, t0);
     }
 
@@ -353,7 +360,7 @@ private:
 
     template <class Installer>
     std::error_code serve_resolved(const resolved_fault& f, std::span<std::byte> scratch, Installer& installer,
-                                   event_kind kind, std::uint64_t t0) noexcept
+                                   event_kind kind, std::uint64_t t0, bool count_error = true) noexcept
     {
         bool zero = false;
         std::error_code ec;
@@ -373,7 +380,7 @@ private:
             }
         }
         if (ec) {
-            stats_.on_error();
+            if (count_error) stats_.on_error();
             return ec;
         }
         const fault_event e{f.length, kind == event_kind::fault ? elapsed_since(t0) : 0, zero};

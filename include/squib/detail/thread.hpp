@@ -81,8 +81,9 @@ private:
     static void* trampoline(void* arg) noexcept
     {
         std::unique_ptr<Closure> c(static_cast<Closure*>(arg)); // arg is the closure spawn() handed over
-        std::string shown = c->name.substr(0, 15);              // the kernel keeps 15 characters
-        ::pthread_setname_np(::pthread_self(), shown.c_str());
+        char shown[16] = {};                                    // the kernel keeps 15 characters
+        c->name.copy(shown, sizeof shown - 1);
+        ::pthread_setname_np(::pthread_self(), shown);
         c->body();
         return nullptr;
     }

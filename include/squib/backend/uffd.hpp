@@ -468,7 +468,8 @@ private:
     struct state {
         state(unique_fd fd, std::uint64_t feats, bool reg, options o)
             : uffd(std::move(fd)), features(feats), registers(reg), opts(std::move(o)),
-              ranges(std::make_unique<range_table>()), zeros(new (std::nothrow) std::byte[page_2m]())
+              ranges(std::make_unique<range_table>()),
+              zeros(static_cast<std::byte*>(std::calloc(page_2m, 1))) // calloc: fresh pages are zero, none touched now
         {
         }
 
@@ -482,7 +483,10 @@ private:
         std::optional<std::stop_callback<wake_fn>> on_shutdown;
         std::vector<std::unique_ptr<thread_ctx>> contexts;
         std::vector<named_thread> threads;
-        std::unique_ptr<std::byte[]> zeros; // a zero huge page, for UFFDIO_COPY where ZEROPAGE is refused
+        struct free_deleter {
+            void operator()(std::byte* p) const noexcept { std::free(p); }
+        };
+        std::unique_ptr<std::byte[], free_deleter> zeros; // a zero huge page, for UFFDIO_COPY where ZEROPAGE is refused
         struct {
             std::atomic<std::uint64_t> remove{0}, unmap{0}, exist{0}, again{0}, unserved{0}, redundant{0}, moot{0};
         } counts;
@@ -622,7 +626,8 @@ private:
     /// A handler thread's buffers, allocated at start so serving never allocates.
     struct thread_ctx {
         thread_ctx(state& st, std::size_t scratch_bytes)
-            : s(st), msgs(st.opts.batch), drained(st.opts.batch), deferred(st.opts.batch * 4), scratch(scratch_bytes)
+            : s(st), msgs(st.opts.batch), drained(st.opts.batch), deferred(st.opts.batch * 4),
+              scratch_mem(std::make_unique_for_overwrite<std::byte[]>(scratch_bytes)), scratch(scratch_mem.get(), scratch_bytes)
         {
         }
 
@@ -713,7 +718,8 @@ private:
         std::vector<uffd_msg> drained;       // read while draining for EAGAIN; never overwrites `msgs`
         std::vector<std::uint64_t> deferred; // fault addresses read while draining
         std::size_t deferred_count = 0;
-        std::vector<std::byte> scratch;
+        std::unique_ptr<std::byte[]> scratch_mem; // not value-initialised: no page of it is touched before a read needs it
+        std::span<std::byte> scratch;
         std::uint64_t fault_addr = 0;
         install_report report;
     };

@@ -113,7 +113,8 @@ struct uffd_options {
     /// each fault (clipped to its region) in one UFFDIO_COPY. A power of two;
     /// 1 installs only the faulting page.
     std::uint64_t fault_around_pages = 1;
-    /// uffd_msg read per read() call.
+    /// Most uffd_msg read per read() call (the handler asks for fewer while
+    /// faults come one at a time).
     std::size_t batch = 32;
     /// CPUs to pin handler thread i to (`handler_cpus[i % size]`); empty: no
     /// pinning. A wake-up across CPUs is costly on some machines: pinning the
@@ -648,6 +649,7 @@ private:
         {
             pollfd fds[2] = {{s.uffd.get(), POLLIN, 0}, {s.wake.get(), POLLIN, 0}};
             installer inst{*this};
+            std::size_t want = 1; // messages to ask for per read(), adapted to what arrives
             for (;;) {
                 // Faults met while draining events for an EAGAIN come first.
                 while (deferred_count > 0) serve(handler, inst, deferred[--deferred_count], around);
@@ -658,12 +660,16 @@ private:
                 }
                 if ((fds[1].revents & POLLIN) != 0) return; // shutdown
                 if ((fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) != 0 && (fds[0].revents & POLLIN) == 0) return;
-                const ssize_t got = ::read(s.uffd.get(), msgs.data(), msgs.size() * sizeof(uffd_msg));
+                // Ask for as many messages as last time came, doubled when the read
+                // was full: a lone fault (the common case) costs the kernel no
+                // second, failing dequeue, and a burst still comes in batches.
+                const ssize_t got = ::read(s.uffd.get(), msgs.data(), want * sizeof(uffd_msg));
                 if (got < 0) {
                     if (errno == EAGAIN || errno == EINTR) continue; // another thread took them
                     return;
                 }
                 const auto count = static_cast<std::size_t>(got) / sizeof(uffd_msg);
+                want = count == want ? std::min(want * 2, msgs.size()) : std::max<std::size_t>(count, 1);
                 for (std::size_t i = 0; i < count; ++i) {
                     if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
                         serve(handler, inst, msgs[i].arg.pagefault.address, around);

@@ -4,6 +4,7 @@
 #include <squib/core/page.hpp>
 #include <squib/core/result.hpp>
 #include <squib/detail/fd.hpp>
+#include <squib/detail/snapshot_file.hpp>
 #include <squib/error.hpp>
 
 #include <fcntl.h>
@@ -69,25 +70,12 @@ public:
     /// (ENOENT, EACCES, ...); EISDIR for a directory.
     [[nodiscard]] static result<file_source> open(const std::filesystem::path& path, options opts) noexcept
     {
-        if (!is_power_of_two(opts.page_size)) return errc::bad_page_size;
-
-        int raw = -1;
-        do {
-            raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC); // raw syscall: we own the fd via unique_fd
-        } while (raw < 0 && errno == EINTR);
-        if (raw < 0) return last_os_error();
-        detail::unique_fd fd{raw};
-
-        struct stat st {};
-        if (::fstat(fd.get(), &st) != 0) return last_os_error(); // raw syscall: size for size()
-        // A directory opens fine O_RDONLY but could never serve a page; say so now.
-        if (S_ISDIR(st.st_mode)) return std::error_code{EISDIR, std::system_category()};
-
+        auto f = detail::open_snapshot_file(path, opts.page_size);
+        if (!f) return f.error();
         file_source src;
-        src.fd_ = std::move(fd);
-        src.size_ = static_cast<std::uint64_t>(st.st_size);
-        src.ram_start_ = opts.ram_start;
-        src.page_size_ = opts.page_size;
+        src.fd_ = std::move(f->fd);
+        src.size_ = f->size;
+        src.layout_ = {opts.ram_start, opts.page_size};
         return src;
     }
 
@@ -101,10 +89,9 @@ public:
     /// on an empty source, ...).
     [[nodiscard]] std::error_code read(std::uint64_t addr, std::span<std::byte> dst) const noexcept
     {
-        if (addr < ram_start_) return errc::below_ram_start;
-        if (dst.empty() || !is_aligned(dst.size(), page_size_)) return errc::bad_length;
-
-        const std::uint64_t offset = align_down(addr - ram_start_, page_size_);
+        const auto at = layout_.offset_of(addr, dst.size());
+        if (!at) return at.error();
+        const std::uint64_t offset = *at;
         // Bytes beyond what off_t can address cannot be in the file.
         constexpr auto max_off = static_cast<std::uint64_t>(std::numeric_limits<off_t>::max());
         if (offset > max_off || dst.size() > max_off - offset) return errc::short_read;
@@ -128,15 +115,14 @@ public:
     /// The file size in bytes, as fstat reported it at open().
     [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
     /// The granularity of reads given at open().
-    [[nodiscard]] std::uint64_t page_size() const noexcept { return page_size_; }
+    [[nodiscard]] std::uint64_t page_size() const noexcept { return layout_.page_size; }
     /// The source address of file offset 0.
-    [[nodiscard]] std::uint64_t ram_start() const noexcept { return ram_start_; }
+    [[nodiscard]] std::uint64_t ram_start() const noexcept { return layout_.ram_start; }
 
 private:
     detail::unique_fd fd_;
     std::uint64_t size_ = 0;
-    std::uint64_t ram_start_ = 0;
-    std::uint64_t page_size_ = page_4k;
+    detail::file_layout layout_;
 };
 
 } // namespace squib

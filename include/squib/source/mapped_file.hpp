@@ -4,6 +4,7 @@
 #include <squib/core/page.hpp>
 #include <squib/core/result.hpp>
 #include <squib/detail/fd.hpp>
+#include <squib/detail/snapshot_file.hpp>
 #include <squib/error.hpp>
 
 #include <fcntl.h>
@@ -114,8 +115,7 @@ public:
     mapped_file_source(mapped_file_source&& other) noexcept
         : data_(std::exchange(other.data_, nullptr)),
           size_(std::exchange(other.size_, 0)),
-          ram_start_(other.ram_start_),
-          page_size_(other.page_size_),
+          layout_(other.layout_),
           extents_(std::move(other.extents_))
     {
         other.extents_.clear(); // a moved-from vector is unspecified; keep the empty-source invariant
@@ -127,8 +127,7 @@ public:
             unmap();
             data_ = std::exchange(other.data_, nullptr);
             size_ = std::exchange(other.size_, 0);
-            ram_start_ = other.ram_start_;
-            page_size_ = other.page_size_;
+            layout_ = other.layout_;
             extents_ = std::move(other.extents_);
             other.extents_.clear();
         }
@@ -157,25 +156,14 @@ public:
     [[nodiscard]] static result<mapped_file_source> open(const std::filesystem::path& path,
                                                          options opts) noexcept
     {
-        if (!is_power_of_two(opts.page_size)) return errc::bad_page_size;
-
-        int raw = -1;
-        do {
-            raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC); // raw syscall: owned by unique_fd below
-        } while (raw < 0 && errno == EINTR);
-        if (raw < 0) return last_os_error();
-        const detail::unique_fd fd{raw}; // only needed during setup: the mapping outlives it
-
-        struct stat st {};
-        if (::fstat(fd.get(), &st) != 0) return last_os_error(); // raw syscall: size to map
-        if (S_ISDIR(st.st_mode)) return std::error_code{EISDIR, std::system_category()};
-
-        const auto size = static_cast<std::uint64_t>(st.st_size);
+        auto f = detail::open_snapshot_file(path, opts.page_size);
+        if (!f) return f.error();
+        const detail::unique_fd fd = std::move(f->fd); // only needed during setup: the mapping outlives it
+        const std::uint64_t size = f->size;
         if (size > std::numeric_limits<std::size_t>::max()) return std::error_code{EFBIG, std::system_category()};
 
         mapped_file_source src;
-        src.ram_start_ = opts.ram_start;
-        src.page_size_ = opts.page_size;
+        src.layout_ = {opts.ram_start, opts.page_size};
         if (size == 0) return src; // mmap rejects length 0; an empty source is still valid
 
         void* p = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_SHARED, fd.get(), 0); // raw syscall: the zero-copy view
@@ -202,9 +190,9 @@ public:
     /// the file ends before `len` bytes (a partial last page included).
     [[nodiscard]] result<std::span<const std::byte>> view(std::uint64_t addr, std::size_t len) const noexcept
     {
-        if (addr < ram_start_) return errc::below_ram_start;
-        if (len == 0 || !is_aligned(len, page_size_)) return errc::bad_length;
-        const std::uint64_t offset = align_down(addr - ram_start_, page_size_);
+        const auto at = layout_.offset_of(addr, len);
+        if (!at) return at.error();
+        const std::uint64_t offset = *at;
         if (offset > size_ || len > size_ - offset) return errc::short_read;
         return std::span<const std::byte>{data_ + offset, len};
     }
@@ -226,8 +214,9 @@ public:
     /// mapping.
     [[nodiscard]] bool is_zero(std::uint64_t addr, std::size_t len) const noexcept
     {
-        if (addr < ram_start_ || len == 0 || !is_aligned(len, page_size_)) return false;
-        const std::uint64_t offset = align_down(addr - ram_start_, page_size_);
+        const auto at = layout_.offset_of(addr, len);
+        if (!at) return false;
+        const std::uint64_t offset = *at;
         if (offset > size_ || len > size_ - offset) return false;
         const std::uint64_t end = offset + len;
         // The first extent that ends after `offset` is the only one that can overlap.
@@ -239,9 +228,9 @@ public:
     /// The file size in bytes, as fstat reported it at open().
     [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
     /// The granularity of views and reads given at open().
-    [[nodiscard]] std::uint64_t page_size() const noexcept { return page_size_; }
+    [[nodiscard]] std::uint64_t page_size() const noexcept { return layout_.page_size; }
     /// The source address of file offset 0.
-    [[nodiscard]] std::uint64_t ram_start() const noexcept { return ram_start_; }
+    [[nodiscard]] std::uint64_t ram_start() const noexcept { return layout_.ram_start; }
     /// How many separate runs of data the file held at open(); 0 for an
     /// empty or all-hole file, 1 for a dense file.
     [[nodiscard]] std::size_t data_extent_count() const noexcept { return extents_.size(); }
@@ -259,8 +248,7 @@ private:
 
     const std::byte* data_ = nullptr; // start of the mapping; null when empty
     std::uint64_t size_ = 0;          // mapped bytes == file size at open()
-    std::uint64_t ram_start_ = 0;
-    std::uint64_t page_size_ = page_4k;
+    detail::file_layout layout_;
     std::vector<detail::data_extent> extents_; // sorted, disjoint; see scan_data_extents
 };
 

@@ -291,10 +291,7 @@ public:
     {
         if (!state_) return;
         state& s = *state_;
-        if (s.wake) {
-            const std::uint64_t one = 1;
-            [[maybe_unused]] auto n = ::write(s.wake.get(), &one, sizeof one); // level-triggered: every poller wakes
-        }
+        if (s.wake) wake_fn{s.wake.get()}(); // level-triggered: every poller wakes
         for (auto& t : s.threads) t.join();
         s.threads.clear();
         s.contexts.clear();
@@ -457,7 +454,7 @@ private:
 
     struct thread_ctx;
 
-    struct wake_fn { // runs when the pager's shutdown is requested
+    struct wake_fn { // makes the eventfd readable: on stop(), and when the pager's shutdown is requested
         int fd;
         void operator()() const noexcept
         {
